@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Literal, Optional, Union
+from typing import Literal
 
 from peft.config import PeftConfig
 
@@ -93,7 +93,7 @@ class HeadMapConfig(PeftConfig):
     )
     r: int = field(default=8, metadata={"help": "Rank of the head map."})
     scaling: float = field(default=1.0, metadata={"help": "Constant scaling s of the map's output."})
-    bias: Union[bool, Literal["auto"]] = field(
+    bias: bool | Literal["auto"] = field(
         default="auto",
         metadata={"help": "Biases on W_down/W_up: True, False or 'auto' (only where the projection has a bias)."},
     )
@@ -105,15 +105,15 @@ class HeadMapConfig(PeftConfig):
         default=True,
         metadata={"help": "True: start as the identity; False: random maps (for tests)."},
     )
-    attention_output_module: Optional[str] = field(
+    attention_output_module: str | None = field(
         default=None,
         metadata={"help": "Override: the attention output projection's name inside a decoder layer."},
     )
-    num_attention_heads: Optional[int] = field(
+    num_attention_heads: int | None = field(
         default=None,
         metadata={"help": "Override: the number of query heads per layer."},
     )
-    modules_to_save: Optional[list[str]] = field(
+    modules_to_save: list[str] | None = field(
         default=None,
         metadata={"help": "Modules besides the adapter to set as trainable and save."},
     )

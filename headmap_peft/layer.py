@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from peft.tuners._buffer_dict import BufferDict
@@ -47,8 +47,8 @@ class HeadMapLayer(BaseTunerLayer):
         self._disable_adapters = False
         self.merged_adapters = []
         # block_output placement: the delta waits here until the decoder layer's forward hook adds it
-        self._block_delta: Optional[torch.Tensor] = None
-        self._block_hook: Optional[RemovableHandle] = None
+        self._block_delta: torch.Tensor | None = None
+        self._block_hook: RemovableHandle | None = None
 
         base = self.get_base_layer()
         self.in_features, self.out_features = _get_in_out_features(base)
@@ -111,7 +111,7 @@ class HeadMapLayer(BaseTunerLayer):
         selected = self._cast_input_dtype(selected, down.weight.dtype)
         return self.headmap_up[adapter_name](down(selected)) * self.scaling[adapter_name]
 
-    def get_delta(self, adapter_name: str) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    def get_delta(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The exact change of the projection's weight ([out, in], float32) and bias ([out] or None)."""
         down, up = self.headmap_down[adapter_name], self.headmap_up[adapter_name]
         scale = self.scaling[adapter_name]
@@ -138,7 +138,7 @@ class HeadMapLayer(BaseTunerLayer):
                 "or train with bias='auto' (or False) for a mergeable adapter."
             )
 
-    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         adapter_names = check_adapters_to_merge(self, adapter_names)
         adapter_names = [name for name in adapter_names if name in self.headmap_down]
         for name in adapter_names:
@@ -148,7 +148,8 @@ class HeadMapLayer(BaseTunerLayer):
             if self.quantization_backend is not None:
                 warnings.warn(
                     "Merging a HeadMap adapter into a quantized layer dequantizes, adds and requantizes: "
-                    "outputs can differ slightly by rounding."
+                    "outputs can differ slightly by rounding.",
+                    stacklevel=2,
                 )
             delta_w, delta_b = self.get_delta(name)
             weight = self.get_base_weight()
@@ -167,7 +168,7 @@ class HeadMapLayer(BaseTunerLayer):
 
     def unmerge(self) -> None:
         if not self.merged:
-            warnings.warn("Already unmerged. Nothing to do.")
+            warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
             return
         base = self.get_base_layer()
         while self.merged_adapters:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
@@ -29,7 +27,7 @@ class HeadMapModel(BaseTuner):
     tuner_layer_cls = HeadMapLayer
     target_module_mapping: dict = {}
 
-    def _architecture(self, config: HeadMapConfig, model: Optional[nn.Module] = None) -> Architecture:
+    def _architecture(self, config: HeadMapConfig, model: nn.Module | None = None) -> Architecture:
         return resolve_architecture(
             self.model if model is None else model,
             attention_output_module=config.attention_output_module,
@@ -62,7 +60,7 @@ class HeadMapModel(BaseTuner):
         target_name: str,
         parent: nn.Module,
         current_key: str,
-        parameter_name: Optional[str] = None,
+        parameter_name: str | None = None,
     ) -> None:
         _, arch = self._injecting
         layer = arch.layer_of(current_key)
@@ -109,14 +107,14 @@ class HeadMapModel(BaseTuner):
     def _headmap_layers(self) -> list[HeadMapLayer]:
         return [module for module in self.model.modules() if isinstance(module, HeadMapLayer)]
 
-    def _check_mergeable(self, adapter_names: Optional[list[str]] = None) -> None:
+    def _check_mergeable(self, adapter_names: list[str] | None = None) -> None:
         """Raise before anything is merged if one of the adapters to merge cannot be (see HeadMapLayer)."""
         for layer in self._headmap_layers():
             for name in layer.active_adapters if adapter_names is None else adapter_names:
                 if name in layer.headmap_down:
                     layer.check_mergeable(name)
 
-    def merge_adapter(self, adapter_names: Optional[list[str]] = None, safe_merge: bool = False) -> None:
+    def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
         self._check_mergeable(adapter_names)
         super().merge_adapter(adapter_names=adapter_names, safe_merge=safe_merge)
 
@@ -125,7 +123,7 @@ class HeadMapModel(BaseTuner):
         merge: bool = True,
         progressbar: bool = False,
         safe_merge: bool = False,
-        adapter_names: Optional[list[str]] = None,
+        adapter_names: list[str] | None = None,
     ) -> nn.Module:
         if merge:
             self._check_mergeable(adapter_names)
