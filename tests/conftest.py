@@ -80,3 +80,12 @@ def make_batch(batch: int = 2, seq: int = 7, seed: int = 0) -> dict[str, torch.T
 @pytest.fixture(params=FAMILIES)
 def family(request) -> str:
     return request.param
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
