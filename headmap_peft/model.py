@@ -43,6 +43,10 @@ class HeadMapModel(BaseTuner):
         arch.check_heads(peft_config.target_heads)
         self._injecting = (peft_config, arch)
 
+    def _post_injection_hook(self, model: nn.Module, config: HeadMapConfig, adapter_name: str) -> None:
+        if hasattr(model, "add_model_tags"):  # transformers models: PEFT copies these tags into the model card
+            model.add_model_tags(["headmap"])
+
     def _check_new_adapter_config(self, config: HeadMapConfig) -> None:
         # PEFT allows one adapter "with bias" (a trained base-model bias); HeadMap's biases are its own, per adapter.
         return None
