@@ -201,9 +201,25 @@ class HeadMapLayer(BaseTunerLayer):
         delta, self._block_delta = self._block_delta, None
         if delta is None:
             return output
+        if torch.is_grad_enabled() and not delta.requires_grad and self._block_maps_need_grad():
+            # transformers checkpoints a layer's forward, not its hooks: with reentrant checkpointing the delta was
+            # computed under no_grad inside the checkpoint, and its gradient would silently be lost
+            raise RuntimeError(
+                "placement='block_output' does not work with reentrant gradient checkpointing (its gradient would be "
+                "lost). Use model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': "
+                "False}) (the transformers default), or placement='attention_output'."
+            )
         if isinstance(output, tuple):
             return (output[0] + delta.to(output[0].dtype), *output[1:])
         return output + delta.to(output.dtype)
+
+    def _block_maps_need_grad(self) -> bool:
+        return any(
+            p.requires_grad
+            for name in self.active_adapters
+            if self.placement.get(name) == "block_output"
+            for p in self.headmap_up[name].parameters()
+        )
 
     def delete_adapter(self, adapter_name: str) -> None:
         super().delete_adapter(adapter_name)

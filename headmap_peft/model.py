@@ -41,7 +41,7 @@ class HeadMapModel(BaseTuner):
         # Every check happens here, before any module is replaced, so a bad config leaves the model untouched.
         arch = self._architecture(peft_config, model)
         arch.check_heads(peft_config.target_heads)
-        self._injecting = (peft_config, arch)
+        self._injection_arch = arch  # read by the two methods below while PEFT injects this config
 
     def _post_injection_hook(self, model: nn.Module, config: HeadMapConfig, adapter_name: str) -> None:
         if hasattr(model, "add_model_tags"):  # transformers models: PEFT copies these tags into the model card
@@ -52,8 +52,7 @@ class HeadMapModel(BaseTuner):
         return None
 
     def _check_target_module_exists(self, peft_config: HeadMapConfig, key: str) -> bool:
-        _, arch = self._injecting
-        layer = arch.layer_of(key)
+        layer = self._injection_arch.layer_of(key)
         return layer is not None and layer in peft_config.target_heads
 
     def _create_and_replace(
@@ -66,7 +65,7 @@ class HeadMapModel(BaseTuner):
         current_key: str,
         parameter_name: str | None = None,
     ) -> None:
-        _, arch = self._injecting
+        arch = self._injection_arch
         layer = arch.layer_of(current_key)
         kwargs = {
             "heads": peft_config.target_heads[layer],

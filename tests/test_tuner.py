@@ -367,8 +367,10 @@ def _grads(model, batch):
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-@pytest.mark.parametrize("placement", ["attention_output", "block_output"])
-def test_gradient_checkpointing_gives_the_same_gradients(placement):
+@pytest.mark.parametrize(
+    "placement, reentrant", [("attention_output", False), ("attention_output", True), ("block_output", False)]
+)
+def test_gradient_checkpointing_gives_the_same_gradients(placement, reentrant):
     batch = make_batch()
     config = HeadMapConfig(target_heads=TARGET, init_weights=False, placement=placement)
     torch.manual_seed(0)
@@ -377,13 +379,26 @@ def test_gradient_checkpointing_gives_the_same_gradients(placement):
     ckpt = get_peft_model(make_model(), copy.deepcopy(config))
     plain.train()
     ckpt.train()
-    ckpt.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    ckpt.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
     ckpt.enable_input_require_grads()
     expected = _grads(plain, batch)
     got = _grads(ckpt, batch)
     assert expected.keys() == got.keys() and expected
     for name in expected:
         torch.testing.assert_close(got[name], expected[name], rtol=1e-5, atol=1e-6)
+
+
+def test_block_output_refuses_reentrant_checkpointing_instead_of_losing_gradients():
+    model = get_peft_model(
+        make_model(), HeadMapConfig(target_heads=TARGET, init_weights=False, placement="block_output")
+    )
+    model.train()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    model.enable_input_require_grads()
+    with pytest.raises(RuntimeError, match="use_reentrant"):
+        model(**make_batch())
+    with torch.no_grad():  # evaluating without gradients stays allowed
+        assert torch.isfinite(model(**make_batch()).loss)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
