@@ -7,7 +7,7 @@ from ._registry import HEADMAP, register
 from .architectures import ATTENTION_OUTPUT_MODULES, Architecture, resolve_architecture
 from .config import HeadMapConfig
 from .layer import HeadMapLayer, HeadMapLinear
-from .locate.masking import mask_heads
+from .locate import Circuit, locate_circuit, mask_heads, select_calibration_samples
 from .model import HeadMapModel
 
 register()
@@ -18,11 +18,14 @@ __all__ = [
     "ATTENTION_OUTPUT_MODULES",
     "HEADMAP",
     "Architecture",
+    "Circuit",
     "HeadMapConfig",
     "HeadMapLayer",
     "HeadMapLinear",
     "HeadMapModel",
+    "locate_circuit",
     "mask_heads",
     "resolve_architecture",
     "register",
+    "select_calibration_samples",
 ]

@@ -45,13 +45,20 @@ def mask_heads(
     attention_output_module: str | None = None,
     num_attention_heads: int | None = None,
 ) -> Iterator[nn.Module]:
-    """Evaluate `model` with the given heads masked (``{layer: [heads]}``), e.g. without its circuit.
+    """Evaluate `model` with the given heads masked (``{layer: [heads]}`` or a `Circuit`), e.g. without its circuit.
 
     ```python
     with mask_heads(model, circuit.heads):
         loss = model(**batch).loss
     ```
+    A `Circuit` is first checked against the model's shape.
     """
+    if hasattr(heads, "check_model") and hasattr(heads, "heads"):  # a Circuit (duck-typed: no import cycle)
+        if architecture is None:
+            heads.check_model(model)
+            attention_output_module = attention_output_module or heads.model.get("attention_output_module")
+            num_attention_heads = num_attention_heads or heads.model.get("num_attention_heads")
+        heads = heads.heads
     arch = architecture or resolve_architecture(model, attention_output_module, num_attention_heads)
     heads = normalize_target_heads(heads, allow_empty=True, what="heads")
     arch.check_heads(heads, what="heads")
