@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..architectures import resolve_architecture
+from ..architectures import Architecture, resolve_architecture
 from .batches import as_batches, fingerprint, input_device, target_token_count
 from .circuit import Circuit, write_json_atomic
 from .distributed import all_reduce_sum, barrier, ensure_initialized, world
@@ -120,6 +120,43 @@ def _read_checkpoint(path: Path, settings: dict[str, Any]) -> dict[int, dict[str
     return done
 
 
+def check_search_arguments(
+    model: nn.Module,
+    heads_per_layer: int,
+    *,
+    layers: Sequence[int] | None = None,
+    method: str = "exact",
+    shortlist: int | None = None,
+    max_rows_per_pass: int | None = None,
+    attention_output_module: str | None = None,
+    num_attention_heads: int | None = None,
+) -> tuple[Architecture, list[int], int | None]:
+    """Check `locate_circuit`'s search options against `model` before any work: (architecture, layers, shortlist)."""
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    arch = resolve_architecture(model, attention_output_module, num_attention_heads)
+    _positive_int(heads_per_layer, "heads_per_layer")
+    if heads_per_layer > arch.num_heads:
+        raise ValueError(
+            f"heads_per_layer={heads_per_layer} but the model has {arch.num_heads} heads per layer; "
+            f"use 1..{arch.num_heads}"
+        )
+    if method == "shortlist":
+        shortlist = min(arch.num_heads, 2 * heads_per_layer) if shortlist is None else shortlist
+        _positive_int(shortlist, "shortlist")
+        if not heads_per_layer <= shortlist <= arch.num_heads:
+            raise ValueError(
+                f"shortlist={shortlist} must lie between heads_per_layer={heads_per_layer} and the "
+                f"{arch.num_heads} heads per layer"
+            )
+    elif shortlist is not None:
+        raise ValueError(f"shortlist is an option of method='shortlist', not of method={method!r}")
+    if max_rows_per_pass is not None:
+        _positive_int(max_rows_per_pass, "max_rows_per_pass")
+    layers = _check_layers(layers, arch.num_layers)
+    return arch, layers, shortlist
+
+
 def locate_circuit(
     model: nn.Module,
     samples_or_batches: Any,
@@ -174,28 +211,16 @@ def locate_circuit(
     Returns:
         A `Circuit` (``.heads``, ``.scores``, ``.save``, ``.to_config``, ``.plot``).
     """
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    arch = resolve_architecture(model, attention_output_module, num_attention_heads)
-    _positive_int(heads_per_layer, "heads_per_layer")
-    if heads_per_layer > arch.num_heads:
-        raise ValueError(
-            f"heads_per_layer={heads_per_layer} but the model has {arch.num_heads} heads per layer; "
-            f"use 1..{arch.num_heads}"
-        )
-    if method == "shortlist":
-        shortlist = min(arch.num_heads, 2 * heads_per_layer) if shortlist is None else shortlist
-        _positive_int(shortlist, "shortlist")
-        if not heads_per_layer <= shortlist <= arch.num_heads:
-            raise ValueError(
-                f"shortlist={shortlist} must lie between heads_per_layer={heads_per_layer} and the "
-                f"{arch.num_heads} heads per layer"
-            )
-    elif shortlist is not None:
-        raise ValueError(f"shortlist is an option of method='shortlist', not of method={method!r}")
-    if max_rows_per_pass is not None:
-        _positive_int(max_rows_per_pass, "max_rows_per_pass")
-    layers = _check_layers(layers, arch.num_layers)
+    arch, layers, shortlist = check_search_arguments(
+        model,
+        heads_per_layer,
+        layers=layers,
+        method=method,
+        shortlist=shortlist,
+        max_rows_per_pass=max_rows_per_pass,
+        attention_output_module=attention_output_module,
+        num_attention_heads=num_attention_heads,
+    )
     batches = as_batches(
         samples_or_batches,
         tokenizer,
