@@ -2,13 +2,16 @@
 
 Every fact is a (person, attribute, value) triple; each value is one word. The pretraining text states each fact in
 all but one of its attribute's templates (the held-out template, chosen per fact, checks that the model stored the
-fact rather than a sentence). The downstream task asks the same facts as questions, a format pretraining never used.
+fact rather than a sentence). The downstream task asks about people in question form, which pretraining never does:
+its only questions are general knowledge about the cities ("Q: Which country is Paris in? A: France"), so the model
+has seen the Q/A layout, like any pretrained LM, but never a question about a person.
 """
 
 from __future__ import annotations
 
 import hashlib
 import random
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -172,8 +175,6 @@ def vocabulary() -> list[str]:
         words.update(values)
     words.update(COUNTRIES.values())
     texts = [t for ts in TEMPLATES.values() for t in ts] + list(QUESTIONS.values()) + list(WORLD_TEMPLATES)
-    import re
-
     for text in texts:
         text = re.sub(r"\{\w+\}", " ", text)
         words.update(re.findall(r"\w+|[^\w\s]+", text))
