@@ -267,3 +267,49 @@ def word_tokenizer():
         for i in range(10)
     ]
     return tokenizer, records
+
+
+def test_out_of_memory_halves_the_pass_and_keeps_the_result(monkeypatch):
+    from headmap_peft.locate import engine
+
+    model = make_model("llama")
+    batches = calibration_batches()
+    reference = locate_circuit(model, batches, 2, progress=False)
+    real = engine.PrefixCache._exact_batch
+    budgets = []
+
+    def small_memory(self, index, layer, candidates, budget):
+        budgets.append(budget)
+        if budget > 4:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(self, index, layer, candidates, budget)
+
+    monkeypatch.setattr(engine.PrefixCache, "_exact_batch", small_memory)
+    with pytest.warns(UserWarning, match="out of memory") as caught:
+        circuit = locate_circuit(model, batches, 2, max_rows_per_pass=16, progress=False)
+    assert_same_circuit(circuit, reference)
+    assert budgets[:3] == [16, 6, 3] and set(budgets[3:]) == {3}  # the first batch has 3 rows x 4 candidates
+    assert len(caught) == 2  # later batches and layers start from the budget that fits
+    assert "set max_rows_per_pass=3 to start there" in str(caught[-1].message)
+
+
+def test_attention_block_is_replayed_only_where_it_ends_in_its_projection(monkeypatch):
+    from headmap_peft.locate import engine
+
+    calls = []
+    real = engine._AttentionReplay.forward
+    monkeypatch.setattr(
+        engine._AttentionReplay, "forward", lambda self, *a, **k: calls.append(1) or real(self, *a, **k)
+    )
+    model = make_model("phi3")
+    batches = calibration_batches()
+    naive = locate_circuit(model, batches, 2, method="naive", progress=False)
+    assert_same_circuit(locate_circuit(model, batches, 2, progress=False), naive)
+    assert calls  # layer l's queries, keys and values were not recomputed per candidate
+
+    calls.clear()  # a block that scales its projection's output (e.g. a hook someone added) is run for real
+    for layer in model.model.layers:
+        layer.self_attn.register_forward_hook(lambda m, a, out: (out[0] * 1.5, *out[1:]))
+    naive = locate_circuit(model, batches, 2, method="naive", progress=False)
+    assert_same_circuit(locate_circuit(model, batches, 2, progress=False), naive)
+    assert not calls

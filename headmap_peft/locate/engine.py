@@ -27,6 +27,7 @@ from .loss import row_stats
 from .masking import add_head_mask, mask_heads
 
 _OOM = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
+CPU_TOKENS_PER_PASS = 2048
 
 
 class _Stop(Exception):
@@ -80,6 +81,10 @@ class _Replay(nn.Module):
         return self._structure.wrap(hidden)
 
 
+def _repeat(tensor: torch.Tensor, times: int) -> torch.Tensor:
+    return tensor.repeat(times, *([1] * (tensor.dim() - 1))) if times > 1 else tensor
+
+
 def _to(batch: Batch, device: torch.device) -> Batch:
     return {k: v.to(device) for k, v in batch.items()}
 
@@ -104,8 +109,40 @@ def naive_layer(
     return sums
 
 
+class _AttentionReplay(nn.Module):
+    """Stands in for layer ``l``'s attention block: returns ``output_projection(source)``.
+
+    `source` is the cached input of the attention output projection (the heads' outputs), which does not depend on
+    the candidate masked at layer ``l``, so the queries, keys, values and attention weights need not be recomputed
+    for every candidate. The real projection module is called, so head masks and gates on it apply as usual.
+    """
+
+    def __init__(
+        self, attention: nn.Module, projection: nn.Module, structure: _OutputStructure, source: torch.Tensor
+    ) -> None:
+        super().__init__()
+        self.__dict__["_replaced"] = attention
+        self.__dict__["_projection"] = projection
+        self.__dict__["_structure"] = structure
+        self.__dict__["_source"] = source
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.__dict__["_replaced"], name)
+
+    def forward(self, *args, **kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        return self._structure.wrap(self._projection(self._source.to(hidden.device)))
+
+
 class PrefixCache:
-    """The hidden state entering layer `position` for each batch, with the selected heads masked before it."""
+    """Per batch, what layer `position` receives with the selected heads masked in earlier layers.
+
+    That is the hidden state entering the layer and, where the model allows it, the input of the layer's attention
+    output projection (the heads' outputs), so candidate passes replay both instead of recomputing them.
+    """
 
     def __init__(
         self,
@@ -127,39 +164,80 @@ class PrefixCache:
         self.only_target_logits = only_target_logits
         self.position = 0
         self.states: list[torch.Tensor | None] = [None] * len(batches)
+        self.head_outputs: list[torch.Tensor | None] = [None] * len(batches)
         self.structure: _OutputStructure | None = None
+        self.attention_structure: _OutputStructure | None = None
+        # the attention block is replayed only where its output is exactly its output projection's output
+        parent, _, _ = arch.attention_output_module.rpartition(".")
+        self.attention_name = parent or None
+
+    def _store(self, tensor: torch.Tensor) -> torch.Tensor:
+        tensor = tensor.detach()
+        return tensor.to(self.cache_device) if self.cache_device is not None else tensor
 
     @contextmanager
-    def _replayed(self, upto: int, source: torch.Tensor | None) -> Iterator[None]:
-        """Swap layers ``0..upto-1`` for replays; layer ``upto-1`` returns `source`, the others pass through."""
-        if upto == 0:
-            yield
-            return
+    def _replayed(
+        self, upto: int, source: torch.Tensor | None, head_outputs: torch.Tensor | None = None
+    ) -> Iterator[None]:
+        """Swap layers ``0..upto-1`` for replays (layer ``upto-1`` returns `source`, the others pass through) and,
+        with `head_outputs`, layer `upto`'s attention block for one that projects them."""
         container = self.model.get_submodule(self.arch.layers_name)
         originals = [container[i] for i in range(upto)]
+        attention_parent = attention_name = attention = None
         try:
             for i, layer in enumerate(originals):
                 container[i] = _Replay(layer, self.structure, source if i == upto - 1 else None)
+            if head_outputs is not None:
+                layer = self.arch.decoder_layer(self.model, upto)
+                parent_name, _, attention_name = self.attention_name.rpartition(".")
+                attention_parent = layer.get_submodule(parent_name) if parent_name else layer
+                attention = getattr(attention_parent, attention_name)
+                projection = self.arch.attention_output(self.model, upto)
+                replay = _AttentionReplay(attention, projection, self.attention_structure, head_outputs)
+                setattr(attention_parent, attention_name, replay)
             yield
         finally:
+            if attention is not None:
+                setattr(attention_parent, attention_name, attention)
             for i, layer in enumerate(originals):
                 container[i] = layer
 
     def advance(self, selected: dict[int, list[int]], to_layer: int) -> None:
-        """Move the cache to the input of `to_layer`: run layers ``position..to_layer-1`` with `selected` masked."""
+        """Move the cache to layer `to_layer`: run layers ``position..to_layer-1`` with `selected` masked, and layer
+        `to_layer`'s attention (nothing masked there) to cache its heads' outputs."""
         if to_layer < self.position:
             raise RuntimeError(f"the prefix cache is at layer {self.position} and cannot go back to {to_layer}")
-        if to_layer == self.position:
+        missing_heads = self.attention_name is not None and any(h is None for h in self.head_outputs)
+        if to_layer == self.position and not missing_heads:
             return
-        last = self.arch.decoder_layer(self.model, to_layer - 1)
         masks = {k: v for k, v in selected.items() if self.position <= k < to_layer}
-        captured: list = []
+        captured: dict[str, object] = {}
+        handles = []
 
-        def capture(_module, _args, output):
-            captured.append(output)
+        def capture_layer(_module, _args, output):
+            captured["layer"] = output
+            if self.attention_name is None:
+                raise _Stop
+
+        def capture_heads(_module, args, kwargs):
+            captured["heads"] = args[0] if args else next(iter(kwargs.values()))
+
+        def capture_projection(_module, _args, output):
+            captured["projection"] = output
+
+        def capture_attention(_module, _args, output):
+            captured["attention"] = output
             raise _Stop
 
-        handle = last.register_forward_hook(capture)
+        if to_layer > self.position:
+            handles.append(self.arch.decoder_layer(self.model, to_layer - 1).register_forward_hook(capture_layer))
+        if self.attention_name is not None:
+            projection = self.arch.attention_output(self.model, to_layer)
+            attention = self.arch.decoder_layer(self.model, to_layer).get_submodule(self.attention_name)
+            handles.append(projection.register_forward_pre_hook(capture_heads, with_kwargs=True))
+            handles.append(projection.register_forward_hook(capture_projection))
+            handles.append(attention.register_forward_hook(capture_attention))
+        states, head_outputs = list(self.states), [None] * len(self.batches)
         try:
             with mask_heads(self.model, masks, architecture=self.arch), torch.no_grad():
                 for i, batch in enumerate(self.batches):
@@ -170,18 +248,38 @@ class PrefixCache:
                             self.model(**inputs, use_cache=False)
                         except _Stop:
                             pass
-                    if not captured:
-                        raise RuntimeError(
-                            f"decoder layer {to_layer - 1} was not called in the model's forward pass; HeadMap's fast "
-                            "engine needs the layers to run in order. Use method='naive' for this model."
-                        )
-                    if self.structure is None:
-                        self.structure = _OutputStructure(captured[0])
-                    state = self.structure.hidden(captured[0]).detach()
-                    self.states[i] = state.to(self.cache_device) if self.cache_device is not None else state
+                    if to_layer > self.position:
+                        if "layer" not in captured:
+                            raise RuntimeError(
+                                f"decoder layer {to_layer - 1} was not called in the model's forward pass; the fast "
+                                "engines need the layers to run in order. Use method='naive' for this model."
+                            )
+                        if self.structure is None:
+                            self.structure = _OutputStructure(captured["layer"])
+                        states[i] = self._store(self.structure.hidden(captured["layer"]))
+                    if self.attention_name is not None:
+                        head_outputs[i] = self._attention_output_is_projection(captured)
+                        if head_outputs[i] is None:  # the block does more after its projection: never replay it
+                            self.attention_name = None
+                            head_outputs = [None] * len(self.batches)
         finally:
-            handle.remove()
-        self.position = to_layer
+            for handle in handles:
+                handle.remove()
+        self.states, self.head_outputs, self.position = states, head_outputs, to_layer
+
+    def _attention_output_is_projection(self, captured: dict) -> torch.Tensor | None:
+        """The heads' outputs to cache, if the attention block returned exactly its projection's output."""
+        if not {"heads", "projection", "attention"} <= set(captured):
+            return None
+        try:
+            structure = _OutputStructure(captured["attention"])
+        except TypeError:
+            return None
+        output = structure.hidden(captured["attention"])
+        if output is not captured["projection"] and not torch.equal(output, captured["projection"]):
+            return None
+        self.attention_structure = structure
+        return self._store(captured["heads"])
 
     def exact_layer(
         self, layer: int, candidates: Sequence[int], advance: Callable[[int], None] = lambda n: None
@@ -190,8 +288,11 @@ class PrefixCache:
         self._check_position(layer)
         sums = torch.zeros(len(candidates), dtype=torch.float64)
         for i, batch in enumerate(self.batches):
-            rows = batch["input_ids"].shape[0]
+            rows, length = batch["input_ids"].shape
             budget = self.max_rows or len(candidates) * rows
+            if self.max_rows is None and self.device.type == "cpu":
+                # on a CPU, passes of a few thousand tokens run faster than one huge pass (caches)
+                budget = min(budget, max(rows, CPU_TOKENS_PER_PASS // max(1, length)))
             while True:
                 try:
                     with torch.no_grad():
@@ -201,6 +302,7 @@ class PrefixCache:
                     if budget <= 1:
                         raise
                     budget = max(1, min(budget, len(candidates) * rows) // 2)
+                    self.max_rows = budget  # later batches and layers start from the budget that fits
                     warnings.warn(
                         f"out of memory while evaluating layer {layer}'s candidate heads; retrying with at most "
                         f"{budget} sequences per pass (set max_rows_per_pass={budget} to start there)",
@@ -212,7 +314,7 @@ class PrefixCache:
         return sums
 
     def _exact_batch(self, index: int, layer: int, candidates: Sequence[int], budget: int) -> torch.Tensor:
-        batch, state = self.batches[index], self.states[index]
+        batch, state, head_outputs = self.batches[index], self.states[index], self.head_outputs[index]
         rows = batch["input_ids"].shape[0]
         heads, module = self.arch.num_heads, self.arch.attention_output(self.model, layer)
         sums = torch.zeros(len(candidates), dtype=torch.float64)
@@ -227,10 +329,11 @@ class PrefixCache:
                 keep[torch.arange(len(group)), torch.tensor(group)] = False
                 keep = keep.repeat_interleave(n, dim=0)[:, None, :]  # [group * n, 1, heads], candidate-major
                 sub = _to(select_rows(batch, part, repeat=len(group)), self.device)
-                source = None if state is None else state[part].repeat(len(group), *([1] * (state.dim() - 1)))
+                source = None if state is None else _repeat(state[part], len(group))
+                heads_source = None if head_outputs is None else _repeat(head_outputs[part], len(group))
                 handle = add_head_mask(module, keep, self.arch.head_dim)
                 try:
-                    with self._replayed(layer, source):
+                    with self._replayed(layer, source, heads_source):
                         stats = row_stats(self.model, sub, only_target_logits=self.only_target_logits)
                 finally:
                     handle.remove()
@@ -260,7 +363,7 @@ class PrefixCache:
 
             handle = module.register_forward_pre_hook(apply_gate, with_kwargs=True)
             try:
-                with torch.enable_grad(), self._replayed(layer, self.states[i]):
+                with torch.enable_grad(), self._replayed(layer, self.states[i], self.head_outputs[i]):
                     stats = row_stats(self.model, _to(batch, self.device), only_target_logits=self.only_target_logits)
                     total = stats.loss_sum.sum()
                     (grad,) = torch.autograd.grad(total, gate)

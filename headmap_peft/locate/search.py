@@ -199,8 +199,9 @@ def locate_circuit(
             ``"shortlist"`` (attribution picks `shortlist` candidates per layer, the exact engine ranks them).
         shortlist: Candidates per layer for ``method="shortlist"`` (default ``2 * heads_per_layer``, at most all).
         max_rows_per_pass: Memory budget of the exact engine: the most sequences (candidates x batch rows) in one
-            forward pass. Default: all candidates of a batch at once. The result does not depend on it. On a GPU
-            out-of-memory the budget is halved automatically (with a warning).
+            forward pass. Default: all candidates of a batch at once on an accelerator (halved automatically, with a
+            warning, on out-of-memory), and about 2048 tokens per pass (at least one batch) on a CPU, where that
+            runs faster. The result does not depend on it.
         cache_device: Where the cached hidden states live (default: where they are computed), e.g. ``"cpu"`` to
             save accelerator memory.
         checkpoint: A JSON file written atomically after each layer; a rerun with the same model, data and
