@@ -160,6 +160,11 @@ def test_build_is_deterministic_and_atomic(monkeypatch, tmp_path, micro_cache):
     assert not is_cached(root, MICRO)
     assert os.listdir(root) == []
 
+    # a directory in the way that is not a complete model is reported, not silently used or overwritten
+    default_model_path(root, MICRO).mkdir()
+    with pytest.raises(FileExistsError, match="delete it"):
+        load_default_model(root, progress=False, config=MICRO)
+
 
 def test_predictions_match_greedy_decoding(micro_cache):
     model, tokenizer = load_default_model(micro_cache, progress=False, config=MICRO)

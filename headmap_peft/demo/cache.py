@@ -72,6 +72,10 @@ def build_default_model(
     final = default_model_path(cache_dir, config)
     if (final / MARKER).is_file():
         return final
+    if final.exists():
+        raise FileExistsError(
+            f"{final} exists but holds no complete demo model ({MARKER} is missing); delete it and run again"
+        )
     final.parent.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer()
     people = make_people(config.num_people, config.world_seed)
