@@ -80,6 +80,7 @@ def run_seed(args: argparse.Namespace, seed: int, demo_config: DemoConfig) -> di
     notes = {METHODS[2]: str(circuit.heads), METHODS[3]: str(control)}
     for method, config in configs.items():
         fresh, _ = load_default_model(args.cache_dir, progress=False, config=demo_config)
+        torch.manual_seed(seed)  # the adapter's initialisation depends on the seed only
         tuned = get_peft_model(fresh, config)
         finetune(tuned, tokenizer, train, args.steps, args.batch_size, args.lr, seed, progress=False)
         results[method] = (accuracy(tuned, tokenizer, evaluation), trainable(tuned), notes.get(method, ""))

@@ -172,11 +172,13 @@ def main(argv: list[str] | None = None) -> int:
     # 4. HeadMap vs LoRA ---------------------------------------------------------------------------------------------
     print()
     stage(4, f"fine-tune HeadMap and LoRA: same data, {args.steps} steps, batch {args.batch_size}, lr {args.lr}")
+    torch.manual_seed(args.seed)  # each adapter's initialisation depends on the seed only
     headmap = get_peft_model(load_base(), circuit.to_config(r=args.rank, task_type="CAUSAL_LM"))
     t = time.perf_counter()
     finetune(headmap, tokenizer, train, args.steps, args.batch_size, args.lr, args.seed, progress, "HeadMap")
     headmap_seconds = time.perf_counter() - t
     lora_targets = ["q_proj", "v_proj"] if any(n.endswith("q_proj") for n, _ in model.named_modules()) else None
+    torch.manual_seed(args.seed)
     lora = get_peft_model(
         load_base(), LoraConfig(r=args.rank, target_modules=lora_targets, task_type="CAUSAL_LM")
     )  # target_modules=None: PEFT's default for the model family (q_proj/v_proj on Llama)

@@ -90,6 +90,23 @@ def test_quickstart_fails_when_the_reloaded_adapter_differs(quickstart_module, m
     assert json.loads((tmp_path / "run" / "results.json").read_text())["checks_passed"] is False
 
 
+def test_quickstart_takes_any_local_model(quickstart_module, tmp_path, capsys):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from headmap_peft.demo import build_tokenizer
+
+    tokenizer = build_tokenizer()
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=2, n_head=4, n_positions=64)
+    GPT2LMHeadModel(config).save_pretrained(tmp_path / "gpt2")
+    tokenizer.save_pretrained(tmp_path / "gpt2")
+    argv = ["--quick", "--no-progress", "--model", str(tmp_path / "gpt2"), "--output-dir", str(tmp_path / "run")]
+    assert quickstart_module.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "2 layers x 4 heads" in out and "LoRA r=8 (PEFT default)" in out
+    assert "check merged == trained: OK" in out and "fact recall" not in out
+
+
 def test_quality_benchmark_prints_a_table(tmp_path):
     result = _run(ROOT / "benchmarks" / "quality.py", "--quick", cache=tmp_path / "cache")
     assert result.returncode == 0, result.stdout + result.stderr
