@@ -2,10 +2,14 @@
 
 - `naive_layer`: the plain loop of METHOD.md section 2, one full forward pass per candidate and batch. The reference.
 - `PrefixCache.exact_layer`: the same numbers, cheaper. The hidden state entering layer ``l`` does not depend on
-  layer ``l``'s candidates, so it is computed once per batch (with the heads selected so far masked) and cached; the
-  candidates then share batched passes that replicate each batch once per candidate, with a per-row head mask at
-  layer ``l``, and run only layers ``l..L-1`` for real. Layers ``0..l-1`` are temporarily swapped, in their
-  ModuleList, for a small module that replays the cached state (the model's own forward runs unchanged around it).
+  layer ``l``'s candidates, and neither do the heads' outputs inside layer ``l`` (masking acts after them), so both
+  are computed once per batch (with the heads selected so far masked) and cached; the candidates then share batched
+  passes that replicate each batch once per candidate, with a per-row head mask at layer ``l``'s attention output
+  projection, and run only the rest of layer ``l`` and layers ``l+1..L-1`` for real. Layers ``0..l-1`` are
+  temporarily swapped, in their ModuleList, for a small module that replays the cached state, and layer ``l``'s
+  attention block for one that applies the real output projection to the cached heads' outputs (only where the
+  model's attention block is checked to return exactly its projection's output). The model's own forward runs
+  unchanged around them.
 - `PrefixCache.attribution_layer`: first-order estimates from one forward and backward pass per batch, through a
   differentiable gate on the heads of layer ``l``.
 
