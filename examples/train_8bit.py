@@ -88,11 +88,19 @@ def main(argv: list[str] | None = None) -> int:
     reload_diff = (unmerged - trained).abs().max().item()
     merge_diff = (merged - unmerged).abs().max().item()
     adapter_effect = (unmerged - base).abs().max().item()
+    real = probe["attention_mask"].bool()
+    same_argmax = (merged.argmax(-1) == unmerged.argmax(-1))[real].float().mean().item()
 
-    print("\n| eval loss before | eval loss after | reloaded vs trained | merged vs unmerged | adapter vs base |")
-    print("|---:|---:|---:|---:|---:|")
-    print(f"| {before:.4f} | {after:.4f} | {reload_diff:.2e} | {merge_diff:.2e} | {adapter_effect:.2e} |")
-    print("(the last three columns: max abs difference of the logits on 16 eval questions)")
+    print(
+        "\n| eval loss before | eval loss after | reloaded vs trained | merged vs unmerged | adapter vs base "
+        "| merged argmax = unmerged |"
+    )
+    print("|---:|---:|---:|---:|---:|---:|")
+    print(
+        f"| {before:.4f} | {after:.4f} | {reload_diff:.2e} | {merge_diff:.2e} | {adapter_effect:.2e} "
+        f"| {same_argmax:.1%} |"
+    )
+    print("(max abs difference of the logits, and argmax agreement, over all positions of 16 eval questions)")
     print(f"adapter: {adapter_dir}")
     if reload_diff > 1e-5:
         print("FAILED: the reloaded adapter does not reproduce the trained model", file=sys.stderr)

@@ -150,7 +150,9 @@ def test_train_8bit_with_a_circuit_file(tiny_model, tmp_path):
         str(tmp_path / "run"),
     )
     assert "circuit from" in out and "{1: [2, 0]}" in out
-    before, after, reload_diff, merge_diff, adapter_effect = map(float, table_row(out))
+    *numbers, agreement = table_row(out)
+    before, after, reload_diff, merge_diff, adapter_effect = map(float, numbers)
+    assert agreement.endswith("%")
     assert reload_diff == 0.0 and after != before
     # merging requantises the projection: close to the unmerged model, far closer than the base model is
     assert merge_diff < 0.25 * adapter_effect
