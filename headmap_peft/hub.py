@@ -9,6 +9,10 @@ from .config import HeadMapConfig
 SECTION_HEADING = "## HeadMap circuit"
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
 def circuit_summary(config: HeadMapConfig) -> str:
     """A markdown section describing the adapter's circuit and map."""
     heads = config.target_heads
@@ -16,7 +20,8 @@ def circuit_summary(config: HeadMapConfig) -> str:
     return (
         f"{SECTION_HEADING}\n\n"
         f"This is a [HeadMap](https://openreview.net/forum?id=jUsrbOuQ5e) adapter (headmap-peft): the selected "
-        f"attention heads of {len(heads)} layers ({config.num_selected_heads} heads in all) are mapped into the "
+        f"attention heads of {_count(len(heads), 'layer')} ({_count(config.num_selected_heads, 'head')} in all) "
+        f"are mapped into the "
         f"residual stream by two linear layers of rank {config.r} (scaling {config.scaling}, placement "
         f"`{config.placement}`). Load it with `import headmap_peft` before `PeftModel.from_pretrained`.\n\n"
         f"| layer | heads (in selection order) |\n|---:|---|\n{rows}\n"

@@ -19,7 +19,14 @@ def test_card_has_headmap_tag_and_one_circuit_section(tmp_path):
     card = (tmp_path / "README.md").read_text()
     assert card.count(SECTION_HEADING) == 1
     assert "| 1 | 3, 0 |" in card and "| 2 | 2 |" in card and "rank 4" in card
+    assert "of 2 layers (3 heads in all)" in card
     assert "- PEFT " in card  # PEFT's own content is kept
+
+
+def test_summary_of_a_one_layer_one_head_circuit_is_singular():
+    from headmap_peft.hub import circuit_summary
+
+    assert "of 1 layer (1 head in all)" in circuit_summary(HeadMapConfig(target_heads={0: [2]}))
 
 
 def test_update_model_card_needs_a_saved_adapter(tmp_path):
