@@ -11,14 +11,6 @@ from headmap_peft import Circuit, locate_circuit, select_calibration_samples
 from headmap_peft.cli import main
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture
 def saved(tmp_path, word_tokenizer):  # noqa: F811
     tokenizer, records = word_tokenizer

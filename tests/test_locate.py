@@ -10,15 +10,6 @@ from headmap_peft import Circuit, locate_circuit, mask_heads
 from headmap_peft.data import IGNORE_INDEX, pad_batch
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # two threads on two shared cores make tiny forwards ~100x slower (OpenMP spin-waits); results do not change
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def calibration_batches(padding_side="right", seed=0, sizes=(3, 2, 4)):
     """Padded prompt/target batches of uneven lengths, labels on the target only."""
     gen = torch.Generator().manual_seed(seed)

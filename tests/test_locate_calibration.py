@@ -13,14 +13,6 @@ from headmap_peft.data import prompt_target_batches
 from headmap_peft.locate import ablation_table, format_ablation_table, random_heads, sample_losses
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def loss_of(model, tokenizer, record):
     (batch,) = prompt_target_batches([record], tokenizer, batch_size=1)
     with torch.no_grad():

@@ -12,17 +12,8 @@ from test_locate import calibration_batches
 from headmap_peft import Circuit, HeadMapConfig, HeadMapLinear, locate_circuit, mask_heads
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def circuit():
-    torch.set_num_threads(1)
     return locate_circuit(make_model("llama"), calibration_batches(), 2, layers=[1, 2], progress=False)
 
 

@@ -3,21 +3,12 @@
 import json
 
 import pytest
-import torch
 from conftest import make_model
 from test_locate import assert_same_circuit, calibration_batches
 
 import headmap_peft.locate.search as search
 from headmap_peft import locate_circuit
 from headmap_peft.locate.engine import PrefixCache
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 class Interrupted(Exception):
