@@ -59,16 +59,14 @@ class _OutputStructure:
         return hidden if self.length is None else (hidden,) + (None,) * (self.length - 1)
 
 
-class _Replay(nn.Module):
-    """Stands in for a decoder layer: returns `source` (or its own input) instead of computing anything.
+class _StandIn(nn.Module):
+    """Temporarily stands in for a module of the model. Attribute reads it does not have (``attention_type`` and the
+    like, read by some models' layer loops) fall through to the module it replaces, which is not registered as a
+    submodule (so it is neither moved nor counted twice)."""
 
-    Attribute reads it does not have (``attention_type`` and the like, read by some models' layer loops) fall
-    through to the layer it replaces, which is not registered as a submodule.
-    """
-
-    def __init__(self, layer: nn.Module, structure: _OutputStructure, source: torch.Tensor | None) -> None:
+    def __init__(self, replaced: nn.Module, structure: _OutputStructure, source: torch.Tensor | None) -> None:
         super().__init__()
-        self.__dict__["_replaced"] = layer
+        self.__dict__["_replaced"] = replaced
         self.__dict__["_structure"] = structure
         self.__dict__["_source"] = source
 
@@ -77,6 +75,10 @@ class _Replay(nn.Module):
             return super().__getattr__(name)
         except AttributeError:
             return getattr(self.__dict__["_replaced"], name)
+
+
+class _Replay(_StandIn):
+    """Stands in for a decoder layer: returns `source` (or its own input) instead of computing anything."""
 
     def forward(self, *args, **kwargs):
         hidden = args[0] if args else kwargs["hidden_states"]
@@ -113,7 +115,7 @@ def naive_layer(
     return sums
 
 
-class _AttentionReplay(nn.Module):
+class _AttentionReplay(_StandIn):
     """Stands in for layer ``l``'s attention block: returns ``output_projection(source)``.
 
     `source` is the cached input of the attention output projection (the heads' outputs), which does not depend on
@@ -124,17 +126,8 @@ class _AttentionReplay(nn.Module):
     def __init__(
         self, attention: nn.Module, projection: nn.Module, structure: _OutputStructure, source: torch.Tensor
     ) -> None:
-        super().__init__()
-        self.__dict__["_replaced"] = attention
+        super().__init__(attention, structure, source)
         self.__dict__["_projection"] = projection
-        self.__dict__["_structure"] = structure
-        self.__dict__["_source"] = source
-
-    def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(self.__dict__["_replaced"], name)
 
     def forward(self, *args, **kwargs):
         hidden = args[0] if args else kwargs["hidden_states"]
