@@ -6,7 +6,7 @@ import torch
 from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
 
-from .architectures import Architecture, resolve_architecture
+from .architectures import resolve_architecture
 from .config import HeadMapConfig
 from .layer import HeadMapLayer, HeadMapLinear
 
@@ -27,19 +27,16 @@ class HeadMapModel(BaseTuner):
     tuner_layer_cls = HeadMapLayer
     target_module_mapping: dict = {}
 
-    def _architecture(self, config: HeadMapConfig, model: nn.Module | None = None) -> Architecture:
-        return resolve_architecture(
-            self.model if model is None else model,
-            attention_output_module=config.attention_output_module,
-            num_attention_heads=config.num_attention_heads,
-        )
-
     def _prepare_adapter_config(self, peft_config: HeadMapConfig, model_config: dict) -> HeadMapConfig:
         return peft_config
 
     def _prepare_model(self, peft_config: HeadMapConfig, model: nn.Module) -> None:
         # Every check happens here, before any module is replaced, so a bad config leaves the model untouched.
-        arch = self._architecture(peft_config, model)
+        arch = resolve_architecture(
+            model,
+            attention_output_module=peft_config.attention_output_module,
+            num_attention_heads=peft_config.num_attention_heads,
+        )
         arch.check_heads(peft_config.target_heads)
         self._injection_arch = arch  # read by the two methods below while PEFT injects this config
 
