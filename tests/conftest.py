@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import socket
+import sys
+
 import pytest
 import torch
 
@@ -66,6 +69,29 @@ def make_model(family: str = "llama", seed: int = 0):
     config = _configs()[family]()
     model = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
     return model.eval()
+
+
+def two_process_launch(script) -> list[str]:
+    """The command that runs `script` in 2 CPU processes (gloo) under accelerate.
+
+    `accelerate launch --cpu --num_processes 2` starts a single process unless MPI is installed; accelerate's
+    torchrun launcher (`--multi_gpu`) starts 2 CPU processes when CUDA is hidden (CUDA_VISIBLE_DEVICES="").
+    """
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes=2",
+        "--num_machines=1",
+        "--mixed_precision=no",
+        "--dynamo_backend=no",
+        f"--main_process_port={port}",
+        str(script),
+    ]
 
 
 def make_batch(batch: int = 2, seq: int = 7, seed: int = 0) -> dict[str, torch.Tensor]:

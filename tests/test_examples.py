@@ -5,13 +5,13 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import two_process_launch
 from test_trainers import tiny_llama, word_level_tokenizer
 
 from headmap_peft import Circuit
@@ -63,12 +63,6 @@ def saved_adapter(directory: Path) -> dict:
     return json.loads((directory / "adapter_config.json").read_text())
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_train_trainer(tiny_model, tmp_path):
     out = example(
         "train_trainer.py",
@@ -104,16 +98,7 @@ def test_train_accelerate_two_processes_end_with_the_same_adapter(tiny_model, tm
     # `accelerate launch --cpu` starts a single process without MPI; the torchrun launcher starts 2 CPU processes
     out = run(
         [
-            sys.executable,
-            "-m",
-            "accelerate.commands.launch",
-            "--multi_gpu",
-            "--num_processes=2",
-            "--num_machines=1",
-            "--mixed_precision=no",
-            "--dynamo_backend=no",
-            f"--main_process_port={free_port()}",
-            str(EXAMPLES / "train_accelerate.py"),
+            *two_process_launch(EXAMPLES / "train_accelerate.py"),
             "--model",
             str(tiny_model),
             "--target-heads",

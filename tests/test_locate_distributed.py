@@ -7,14 +7,12 @@ without a GPU starts 2 CPU processes with a CPU (gloo) process group.
 
 import json
 import os
-import socket
 import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
-from conftest import make_model
+from conftest import make_model, two_process_launch
 from test_locate import assert_same_circuit, calibration_batches
 
 from headmap_peft import Circuit, locate_circuit
@@ -51,12 +49,6 @@ SCRIPT = textwrap.dedent(
 )
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_processes_give_the_single_process_circuit(tmp_path):
     torch.set_num_threads(1)
     model = make_model("llama", seed=6)
@@ -65,16 +57,7 @@ def test_two_processes_give_the_single_process_circuit(tmp_path):
     torch.save(batches, tmp_path / "batches.pt")
     (tmp_path / "script.py").write_text(SCRIPT)
     command = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes=2",
-        "--num_machines=1",
-        "--mixed_precision=no",
-        "--dynamo_backend=no",
-        f"--main_process_port={free_port()}",
-        str(tmp_path / "script.py"),
+        *two_process_launch(tmp_path / "script.py"),
         str(tmp_path / "model"),
         str(tmp_path / "batches.pt"),
         str(tmp_path),
